@@ -1,0 +1,178 @@
+"""``AutoBrenier``: a NumPyro autoguide whose posterior is a Brenier map of N(0, I)."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import AffineTransform
+from numpyro.infer import init_to_median
+from numpyro.infer.autoguide import AutoContinuous
+
+from numpyro_pma.potential import BrenierPotential
+from numpyro_pma.transform import BrenierTransform
+
+__all__ = ["AutoBrenier"]
+
+# Draws behind ``median`` and ``quantiles``, which have no closed form: their
+# Monte Carlo error is about 1.25 sd / sqrt(4096) ≈ 0.02 posterior sd.
+_NUM_QUANTILE_DRAWS = 4096
+
+
+class AutoBrenier(AutoContinuous):
+    """Autoguide ``q = (loc + scale * grad u) # N(0, I_d)`` over the latent vector.
+
+    ``u`` is a strictly convex :class:`~numpyro_pma.potential.BrenierPotential`
+    (quadratic part plus an input-convex network), so ``grad u`` is the optimal
+    transport (Brenier) map from the standard Gaussian to the guide's
+    distribution in whitened coordinates; ``loc`` and ``scale`` (shape ``(d,)``)
+    whiten the model's unconstrained latent space. The guide is trained either
+    by :class:`~numpyro_pma.PMA` (mirror steps, which keep ``loc`` and ``scale``
+    fixed at a diagonal Gaussian fit) or, as any autoguide, by
+    ``numpyro.infer.SVI`` with ``Trace_ELBO`` (all parameters trained).
+
+    Its parameters are ``{prefix}_loc``, ``{prefix}_scale`` and
+    ``{prefix}_potential`` (a Flax ``params`` collection).
+
+    Args:
+        model: A NumPyro model with continuous latent sites.
+        prefix: Prefix of the guide's parameter names.
+        init_loc_fn: Init strategy giving the initial ``loc``.
+        hidden_sizes: Widths of the input-convex network; ``()`` gives a
+            Gaussian guide with a full covariance.
+        min_eigenvalue: Lower bound ``epsilon`` on the eigenvalues of the
+            Hessian of ``u``, which keeps the map invertible.
+        init_scale: Initial ``scale`` of every coordinate.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        prefix: str = "auto",
+        init_loc_fn=init_to_median,
+        hidden_sizes: Sequence[int] = (64, 64),
+        min_eigenvalue: float = 1e-3,
+        init_scale: float = 0.1,
+        output_power: int = 1,
+    ):
+        hidden_sizes = tuple(hidden_sizes)
+        for width in hidden_sizes:
+            if not isinstance(width, int | np.integer) or width < 1:
+                raise ValueError(
+                    f"hidden_sizes must hold positive integers, got {hidden_sizes}"
+                )
+        if not np.isfinite(min_eigenvalue) or not 0 < min_eigenvalue < 1:
+            raise ValueError(f"min_eigenvalue must be in (0, 1), got {min_eigenvalue}")
+        if not np.isfinite(init_scale) or init_scale <= 0:
+            raise ValueError(f"init_scale must be a positive number, got {init_scale}")
+        self.hidden_sizes = hidden_sizes
+        self.min_eigenvalue = float(min_eigenvalue)
+        self._init_scale = float(init_scale)
+        self.output_power = output_power
+        self.potential = None
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+
+    @property
+    def loc_name(self) -> str:
+        """Name of the whitening location parameter."""
+        return f"{self.prefix}_loc"
+
+    @property
+    def scale_name(self) -> str:
+        """Name of the whitening scale parameter."""
+        return f"{self.prefix}_scale"
+
+    @property
+    def potential_name(self) -> str:
+        """Name of the potential's parameter collection."""
+        return f"{self.prefix}_potential"
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self.potential = BrenierPotential(
+            dim=self.latent_dim,
+            hidden_sizes=self.hidden_sizes,
+            min_eigenvalue=self.min_eigenvalue,
+            output_power=self.output_power,
+        )
+
+    def init_potential_params(self, rng_key: jax.Array) -> dict:
+        """Return initial potential parameters: ``grad u`` near the identity."""
+        zeros = jnp.zeros(self.latent_dim, jnp.result_type(float))
+        return self.potential.init(rng_key, zeros)["params"]
+
+    def _get_posterior(self):
+        loc = numpyro.param(self.loc_name, self._init_latent)
+        scale = numpyro.param(
+            self.scale_name,
+            jnp.full(self.latent_dim, self._init_scale),
+            constraint=constraints.softplus_positive,
+        )
+        potential_params = numpyro.param(
+            self.potential_name, self.init_potential_params
+        )
+        return dist.TransformedDistribution(
+            self.get_base_dist(),
+            [
+                BrenierTransform(self.potential, potential_params),
+                AffineTransform(loc, scale),
+            ],
+        )
+
+    def get_base_dist(self):
+        """Return the reference distribution ``N(0, I_d)``."""
+        return dist.Normal(jnp.zeros(self.latent_dim), 1.0).to_event(1)
+
+    def get_transform(self, params):
+        """Return the map ``x -> loc + scale * grad u(x)`` at ``params``."""
+        return dist.transforms.ComposeTransform(
+            [
+                BrenierTransform(self.potential, params[self.potential_name]),
+                AffineTransform(params[self.loc_name], params[self.scale_name]),
+            ]
+        )
+
+    def get_posterior(self, params):
+        """Return the guide's distribution over the unconstrained latent vector."""
+        return dist.TransformedDistribution(
+            self.get_base_dist(), self.get_transform(params)
+        )
+
+    def quantiles(self, params, quantiles):
+        """Estimate posterior quantiles of each latent site.
+
+        Quantiles of a Brenier push-forward have no closed form: they are
+        computed from ``4096`` guide draws with a fixed key, so repeated calls
+        agree and the Monte Carlo error is about 0.02 posterior sd at the median.
+
+        Args:
+            params: Guide parameters.
+            quantiles: Probabilities in ``[0, 1]``, a sequence of length ``m``.
+
+        Returns:
+            Dict from site name to quantiles of shape ``(m,) + site shape``, in
+            the constrained space.
+        """
+        probabilities = jnp.asarray(quantiles)
+        if jnp.any((probabilities < 0) | (probabilities > 1)):
+            raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
+        draws = self.sample_posterior(
+            jax.random.key(0), params, sample_shape=(_NUM_QUANTILE_DRAWS,)
+        )
+        latent_names = [
+            name
+            for name, site in self.prototype_trace.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        ]
+        return {
+            name: jnp.quantile(draws[name], probabilities, axis=0)
+            for name in latent_names
+        }
+
+    def median(self, params):
+        """Estimate the posterior median of each latent site (see ``quantiles``)."""
+        return {name: q[0] for name, q in self.quantiles(params, [0.5]).items()}
