@@ -38,10 +38,14 @@ class InputConvexNetwork(nn.Module):
             (convex and non-decreasing for ``p >= 1``). With ``p = 1`` the map
             ``grad psi`` is bounded, so the guide's tails are Gaussian; ``p = 3``
             lets ``grad psi`` grow quadratically, which gives exponential tails.
+        axis_tails: Add the per-coordinate cubic terms of ``_axis_tails``, which
+            let the guide's tails along each whitened axis be heavier than
+            Gaussian. Ignored when ``hidden_sizes`` is empty.
     """
 
     hidden_sizes: Sequence[int] = (32, 32)
     output_power: int = 1
+    axis_tails: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,7 +79,28 @@ class InputConvexNetwork(nn.Module):
             (hidden.shape[-1],),
             x.dtype,
         )
-        return hidden @ jax.nn.softplus(raw_out)
+        value = hidden @ jax.nn.softplus(raw_out)
+        if self.axis_tails:
+            value = value + self._axis_tails(x)
+        return value
+
+    def _axis_tails(self, x: jax.Array) -> jax.Array:
+        """Per-coordinate cubic growth ``sum_i c+_i s(x_i)^3/3 + c-_i s(-x_i)^3/3``.
+
+        ``s`` is softplus and ``c+, c- >= 0``. Its gradient grows quadratically,
+        so a Gaussian pushed through it gets exponential tails along each axis,
+        as a log-scale parameter's posterior often has.
+        """
+        raw = self.param(
+            "axis_tails",
+            nn.initializers.constant(_OUTPUT_WEIGHT_INIT),
+            (2, x.shape[-1]),
+            x.dtype,
+        )
+        weights = jax.nn.softplus(raw)
+        right = jax.nn.softplus(x) ** 3 / 3
+        left = jax.nn.softplus(-x) ** 3 / 3
+        return weights[0] @ right + weights[1] @ left
 
 
 class BrenierPotential(nn.Module):
@@ -92,12 +117,15 @@ class BrenierPotential(nn.Module):
             purely quadratic potential (a Gaussian guide).
         min_eigenvalue: ``epsilon``, the lower bound on the eigenvalues of the
             Hessian of the quadratic part.
+        output_power: See :class:`InputConvexNetwork`.
+        axis_tails: See :class:`InputConvexNetwork`.
     """
 
     dim: int
     hidden_sizes: Sequence[int] = (32, 32)
     min_eigenvalue: float = 1e-3
     output_power: int = 1
+    axis_tails: bool = True
 
     def setup(self):
         """Declare the quadratic coefficients and the network."""
@@ -111,7 +139,9 @@ class BrenierPotential(nn.Module):
         self.shift = self.param(
             "shift", nn.initializers.zeros, (self.dim,), jnp.result_type(float)
         )
-        self.network = InputConvexNetwork(self.hidden_sizes, self.output_power)
+        self.network = InputConvexNetwork(
+            self.hidden_sizes, self.output_power, self.axis_tails
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Evaluate ``u`` at one point ``x`` of shape ``(dim,)``; returns a scalar."""
