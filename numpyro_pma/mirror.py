@@ -37,6 +37,11 @@ import jax.numpy as jnp
 import optax
 
 from numpyro_pma.potential import BrenierPotential
+from numpyro_pma.projection import (
+    centered_sum_of_squares,
+    project_potential,
+    quadratic_feature_count,
+)
 from numpyro_pma.transform import map_and_logdet
 
 __all__ = [
@@ -44,7 +49,6 @@ __all__ = [
     "MirrorInfo",
     "MirrorState",
     "mirror_descent",
-    "quadratic_feature_count",
 ]
 
 PyTree = Any
@@ -119,44 +123,6 @@ class MirrorAlgorithm(NamedTuple):
     step: Callable[[jax.Array, MirrorState], tuple[MirrorState, MirrorInfo]]
 
 
-def quadratic_feature_count(dim: int) -> int:
-    """Number of monomials of degree at most 2 in ``dim`` variables."""
-    return dim * (dim + 1) // 2 + dim + 1
-
-
-def _quadratic_features(x: jax.Array) -> jax.Array:
-    """Monomials ``[x_i^2 / 2, x_i x_j (i < j), x_i, 1]`` of ``x`` ``(n, d)``."""
-    n, d = x.shape
-    rows, cols = jnp.triu_indices(d)
-    products = x[:, rows] * x[:, cols]
-    products = jnp.where(rows == cols, 0.5 * products, products)
-    return jnp.concatenate([products, x, jnp.ones((n, 1), x.dtype)], axis=1)
-
-
-def _fit_quadratic(x: jax.Array, targets: jax.Array, min_eigenvalue: float):
-    """Least-squares fit of ``x'Ax/2 + b'x + c`` to ``targets`` at ``x`` ``(n, d)``.
-
-    Returns ``(scale_tril, shift)`` with ``L L^T + epsilon I = A``; ``L`` is NaN
-    where ``A - epsilon I`` is not positive definite (the step was too large
-    for the convex family).
-    """
-    d = x.shape[1]
-    coefficients, *_ = jnp.linalg.lstsq(_quadratic_features(x), targets)
-    num_products = d * (d + 1) // 2
-    rows, cols = jnp.triu_indices(d)
-    upper = jnp.zeros((d, d), x.dtype).at[rows, cols].set(coefficients[:num_products])
-    matrix = upper + jnp.triu(upper, 1).T
-    shift = coefficients[num_products : num_products + d]
-    identity = jnp.eye(d, dtype=x.dtype)
-    scale_tril = jnp.linalg.cholesky(matrix - min_eigenvalue * identity)
-    return scale_tril, shift
-
-
-def _centered_sum_of_squares(values: jax.Array) -> jax.Array:
-    """``sum (v - mean v)^2``: potentials are defined up to a constant."""
-    return jnp.sum((values - jnp.mean(values)) ** 2)
-
-
 def _tree_where(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
 
@@ -221,11 +187,6 @@ def mirror_descent(
     def apply(params, x):
         return potential.apply({"params": params}, x)
 
-    def network_value(params, x):
-        return potential.apply(
-            {"params": params}, x, method=lambda module, y: module.network(y)
-        )
-
     def init(params, loc=None, scale=None) -> MirrorState:
         dtype = jax.tree.leaves(params)[0].dtype
         loc = jnp.zeros(dim, dtype) if loc is None else jnp.asarray(loc, dtype)
@@ -253,49 +214,6 @@ def mirror_descent(
         log_target = jax.vmap(logdensity_fn)(z)
         return log_reference - logdet - jnp.sum(jnp.log(scale)) - log_target, transport
 
-    def project(state, x, targets):
-        """Regress ``u_theta`` on ``targets`` at ``x``, warm-started at ``theta_k``."""
-        params = state.params
-        if use_lstsq:
-            network_at_x = jax.vmap(lambda point: network_value(params, point))(x)
-            scale_tril, shift = _fit_quadratic(
-                x, targets - network_at_x, potential.min_eigenvalue
-            )
-            params = {**params, "scale_tril": scale_tril, "shift": shift}
-
-        def regression_loss(trainable):
-            values = jax.vmap(lambda point: apply(trainable, point))(x)
-            return _centered_sum_of_squares(values - targets) / x.shape[0]
-
-        def mask_quadratic(grads):
-            # With an exact quadratic fit the optimizer moves only the network.
-            if not use_lstsq:
-                return grads
-            return {
-                **grads,
-                "scale_tril": jnp.zeros_like(grads["scale_tril"]),
-                "shift": jnp.zeros_like(grads["shift"]),
-            }
-
-        def optimizer_step(carry, _):
-            trainable, opt_state = carry
-            grads = mask_quadratic(jax.grad(regression_loss)(trainable))
-            updates, opt_state = projection_optimizer.update(
-                grads, opt_state, trainable
-            )
-            return (optax.apply_updates(trainable, updates), opt_state), None
-
-        if "network" in params:
-            (params, projection_state), _ = jax.lax.scan(
-                optimizer_step,
-                (params, state.projection_state),
-                None,
-                length=num_projection_steps,
-            )
-        else:
-            projection_state = state.projection_state
-        return params, projection_state, regression_loss(params)
-
     def step(rng_key: jax.Array, state: MirrorState):
         dtype = state.loc.dtype
         x = jax.random.normal(rng_key, (num_particles, dim), dtype)
@@ -314,12 +232,21 @@ def mirror_descent(
         values = jax.vmap(lambda point: apply(state.params, point))(x)
         safe_residual = jnp.where(finite, residual, 0.0)
         targets = values - eta * (safe_residual - jnp.mean(safe_residual))
-        new_params, projection_state, loss = project(state, x, targets)
+        new_params, projection_state, loss = project_potential(
+            potential,
+            state.params,
+            state.projection_state,
+            x,
+            targets,
+            optimizer=projection_optimizer,
+            num_steps=num_projection_steps,
+            fit_quadratic_exactly=use_lstsq,
+        )
         new_transport = jax.vmap(jax.grad(lambda y: apply(new_params, y)))(x)
 
         projected = _tree_all_finite(new_params) & jnp.isfinite(loss)
         accepted = acceptable & projected
-        target_spread = _centered_sum_of_squares(values - targets) / num_particles
+        target_spread = centered_sum_of_squares(values - targets) / num_particles
         relative_loss = loss / jnp.maximum(target_spread, jnp.finfo(dtype).tiny)
 
         # An acceptable ELBO makes the evaluated potential the one that later

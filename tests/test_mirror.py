@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_pma.mirror import mirror_descent, quadratic_feature_count
+from numpyro_pma.mirror import mirror_descent
+from numpyro_pma.projection import quadratic_feature_count
 from numpyro_pma.potential import BrenierPotential, quadratic_coefficients
 
 DIM = 3
