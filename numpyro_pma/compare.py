@@ -311,7 +311,7 @@ def sliced_wasserstein_distance(
     directions = np.asarray(
         jax.random.normal(rng_key, (x.shape[1], num_projections)), dtype=float
     )
-    directions /= np.linalg.norm(directions, axis=0)
+    directions = directions / np.linalg.norm(directions, axis=0)
     x_projected = x @ directions
     y_projected = y @ directions
     distances = [

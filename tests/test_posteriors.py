@@ -18,7 +18,15 @@ from numpyro_pma.flat_model import flatten_model
 from numpyro_pma.posteriors import list_posteriors, load_posterior
 
 # The score checks and the exact round trip need float64.
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Score checks need float64; restore the setting for other test files."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
 
 NAMES = list_posteriors()
 DERIVED = {
