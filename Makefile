@@ -17,7 +17,7 @@ demo: $(STAMP)  ## Fit eight schools with PMA and NUTS, print the table, save pl
 	$(BIN)/numpyro-pma demo --output-dir demo-output
 
 test: $(STAMP)  ## The default test run (slow tests excluded), about 10 minutes on 2 cores.
-	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -n 2 --dist loadfile

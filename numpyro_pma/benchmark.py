@@ -958,37 +958,48 @@ def run_benchmark(
 
     records = []
     pairs = [(p, n) for p in selected_posteriors for n in selected_methods]
+
+    def current_result() -> BenchmarkResult:
+        settings = {
+            "rng_key_data": _key_data(rng_key),
+            "num_draws": num_draws,
+            "quick": quick,
+            "posteriors": [p.name for p in selected_posteriors],
+            "methods": list(selected_methods),
+            "method_kinds": {n: m.kind for n, m in selected_methods.items()},
+            "method_options": options,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        return BenchmarkResult(
+            records=list(records),
+            targets=check_targets(records),
+            machine=_machine_description(),
+            settings=settings,
+            command=command,
+            output_dir=None if output_dir is None else Path(output_dir),
+        )
+
     bar = tqdm(total=len(pairs), desc="benchmark", disable=not progress_bar)
     try:
-        for posterior, name in pairs:
+        for index, (posterior, name) in enumerate(pairs):
             bar.set_postfix_str(f"{posterior.name} / {name}")
             key = _pair_key(rng_key, posterior.name, name)
             records.append(
                 _run_pair(key, posterior, name, selected_methods[name], options[name])
             )
             bar.update()
+            posterior_done = (
+                index + 1 == len(pairs) or pairs[index + 1][0] is not posterior
+            )
+            if output_dir is not None and posterior_done:
+                # Write after every posterior, so an interrupted run keeps the
+                # posteriors it finished.
+                _write_outputs(current_result())
     finally:
         bar.close()
 
-    settings = {
-        "rng_key_data": _key_data(rng_key),
-        "num_draws": num_draws,
-        "quick": quick,
-        "posteriors": [p.name for p in selected_posteriors],
-        "methods": list(selected_methods),
-        "method_kinds": {n: m.kind for n, m in selected_methods.items()},
-        "method_options": options,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    result = BenchmarkResult(
-        records=records,
-        targets=check_targets(records),
-        machine=_machine_description(),
-        settings=settings,
-        command=command,
-        output_dir=None if output_dir is None else Path(output_dir),
-    )
+    result = current_result()
     if result.output_dir is not None:
         _write_outputs(result)
     return result

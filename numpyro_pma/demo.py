@@ -40,7 +40,7 @@ def run_demo(
     seed: int = 0,
     output_dir: str | os.PathLike = "demo-output",
     progress_bar: bool = True,
-    num_draws: int = 10000,
+    num_draws: int = 40000,
 ) -> dict:
     """Fit eight schools with PMA and NUTS, print the comparison, save plots.
 
