@@ -14,6 +14,12 @@ from numpyro.infer.autoguide import AutoContinuous
 
 from numpyro_pma.potential import BrenierPotential
 from numpyro_pma.transform import BrenierTransform
+from numpyro_pma.validation import (
+    check_hidden_sizes,
+    check_model,
+    check_positive_int,
+    raise_for_nonfinite_initial_point,
+)
 
 __all__ = ["AutoBrenier"]
 
@@ -66,12 +72,9 @@ class AutoBrenier(AutoContinuous):
         output_power: int = 1,
         axis_tails: bool = True,
     ):
+        check_hidden_sizes(hidden_sizes)
         hidden_sizes = tuple(hidden_sizes)
-        for width in hidden_sizes:
-            if not isinstance(width, int | np.integer) or width < 1:
-                raise ValueError(
-                    f"hidden_sizes must hold positive integers, got {hidden_sizes}"
-                )
+        check_positive_int("output_power", output_power)
         if not np.isfinite(min_eigenvalue) or not 0 < min_eigenvalue < 1:
             raise ValueError(f"min_eigenvalue must be in (0, 1), got {min_eigenvalue}")
         if not np.isfinite(init_scale) or init_scale <= 0:
@@ -100,7 +103,16 @@ class AutoBrenier(AutoContinuous):
         return f"{self.prefix}_potential"
 
     def _setup_prototype(self, *args, **kwargs):
-        super()._setup_prototype(*args, **kwargs)
+        check_hidden_sizes(self.hidden_sizes)
+        check_model(self.model, args, kwargs, self.init_loc_fn)
+        try:
+            super()._setup_prototype(*args, **kwargs)
+        except RuntimeError as error:
+            # NumPyro's "Cannot find valid initial parameters" names no site.
+            raise_for_nonfinite_initial_point(
+                self.model, args, kwargs, self.init_loc_fn, cause=error
+            )
+            raise
         self.potential = BrenierPotential(
             dim=self.latent_dim,
             hidden_sizes=self.hidden_sizes,

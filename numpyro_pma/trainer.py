@@ -1,18 +1,36 @@
 """``PMA``: trains an :class:`~numpyro_pma.AutoBrenier` guide with SVI's interface."""
 
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from numpyro import handlers
 
-from numpyro_pma.driver import TrainingOutcome, is_array, run_chunks
+from numpyro_pma.checkpoint import (
+    check_checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from numpyro_pma.driver import (
+    TrainingOutcome,
+    aligned_chunk_size,
+    is_array,
+    run_chunks,
+)
 from numpyro_pma.guide import AutoBrenier
 from numpyro_pma.mirror import MirrorInfo, MirrorState, StepSize, mirror_descent
+from numpyro_pma.validation import (
+    check_hidden_sizes,
+    check_non_negative_int,
+    check_positive_int,
+    check_rng_key,
+    check_step_size,
+    check_step_size_range,
+)
 from numpyro_pma.whitening import fit_diagonal_gaussian
 
 __all__ = ["DEFAULT_NUM_STEPS", "PMA", "PMARunResult", "PMAState", "RunTiming"]
@@ -39,7 +57,8 @@ class RunTiming(NamedTuple):
 
     Attributes:
         init_time: ``init``: guide setup and the whitening fit, compilation
-            included (0 when the run continued from ``init_state``).
+            included. It is 0 when the run continued from ``init_state``, and
+            the guide setup plus the checkpoint reading with ``resume_from``.
         compile_time: Ahead-of-time compilation of the scanned steps (0 when a
             compiled executable of the same shapes was reused).
         run_time: Execution of the mirror steps.
@@ -67,23 +86,6 @@ class PMARunResult(NamedTuple):
     state: PMAState
     trace: MirrorInfo
     timing: RunTiming
-
-
-def _check_step_size(step_size) -> None:
-    if callable(step_size):
-        return
-    if isinstance(step_size, bool) or not isinstance(step_size, int | float):
-        raise TypeError(
-            "step_size must be a positive number or an optax schedule (a callable "
-            f"of the step count), got {step_size!r}"
-        )
-    if not np.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"step_size must be positive and finite, got {step_size}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class PMA:
@@ -132,14 +134,20 @@ class PMA:
                 f"guide must be an AutoBrenier, got {type(guide).__name__}; "
                 "train other guides with numpyro.infer.SVI"
             )
-        _check_step_size(step_size)
-        _check_positive_int("num_particles", num_particles)
-        _check_positive_int("num_projection_steps", num_projection_steps)
-        _check_positive_int("max_consecutive_rejections", max_consecutive_rejections)
-        if isinstance(num_whitening_steps, bool) or num_whitening_steps < 0:
-            raise ValueError(
-                f"num_whitening_steps must be a non-negative integer, got "
-                f"{num_whitening_steps!r}"
+        if not callable(model):
+            raise TypeError(f"model must be a callable NumPyro model, got {model!r}")
+        check_step_size(step_size)
+        check_positive_int("num_particles", num_particles)
+        check_positive_int("num_projection_steps", num_projection_steps)
+        check_positive_int("max_consecutive_rejections", max_consecutive_rejections)
+        check_non_negative_int("num_whitening_steps", num_whitening_steps)
+        check_hidden_sizes(guide.hidden_sizes)
+        if projection_optimizer is not None and not isinstance(
+            projection_optimizer, optax.GradientTransformation
+        ):
+            raise TypeError(
+                "projection_optimizer must be an optax.GradientTransformation such "
+                f"as optax.adam(3e-2), got {projection_optimizer!r}"
             )
         if quadratic_projection not in ("auto", "lstsq", "optimizer"):
             raise ValueError(
@@ -215,8 +223,35 @@ class PMA:
 
     # -- the SVI-like interface ------------------------------------------------
 
+    def _setup_guide(self, setup_key: jax.Array, args: tuple, kwargs: dict):
+        """Set up the guide afresh and return its initial parameters.
+
+        The prototype is set up on every call, with a key split from
+        ``setup_key``, so the initial state depends on the key alone and not
+        on what the guide saw before. The guide's setup checks the model
+        (see :mod:`numpyro_pma.validation`) before any compilation.
+
+        Returns:
+            ``(potential_params, loc, scale)``; ``loc`` and ``scale`` have shape
+            ``(latent_dim,)``.
+        """
+        prototype_key, params_key = jax.random.split(setup_key)
+        handlers.seed(self.guide._setup_prototype, prototype_key)(*args, **kwargs)
+        # Only the parameter sites are needed: no draw through the map.
+        guide_trace = handlers.trace(
+            handlers.seed(self.guide._get_posterior, params_key)
+        ).get_trace()
+        return (
+            guide_trace[self.guide.potential_name]["value"],
+            guide_trace[self.guide.loc_name]["value"],
+            guide_trace[self.guide.scale_name]["value"],
+        )
+
     def init(self, rng_key: jax.Array, *args, **kwargs) -> PMAState:
         """Set up the guide, whiten the target and return the initial state.
+
+        The same ``rng_key`` and arguments give the same state, whatever the
+        guide was used for before.
 
         Args:
             rng_key: Key for the guide's initialization and the whitening fit.
@@ -225,14 +260,18 @@ class PMA:
 
         Returns:
             The initial :class:`PMAState`.
+
+        Raises:
+            ValueError: The model cannot be fitted because it has discrete or
+                no latent sites, rejects its arguments, or has a log density
+                that is not finite at the initial point. Raised before any
+                compilation.
+            TypeError: ``rng_key`` is not a PRNG key, or the model raised a
+                TypeError.
         """
+        check_rng_key(rng_key)
         setup_key, whitening_key, state_key = jax.random.split(rng_key, 3)
-        guide_trace = handlers.trace(handlers.seed(self.guide, setup_key)).get_trace(
-            *args, **kwargs
-        )
-        potential_params = guide_trace[self.guide.potential_name]["value"]
-        loc = guide_trace[self.guide.loc_name]["value"]
-        scale = guide_trace[self.guide.scale_name]["value"]
+        potential_params, loc, scale = self._setup_guide(setup_key, args, kwargs)
 
         if self.num_whitening_steps > 0:
             # The fit runs once per init, so its compilation is not cached.
@@ -247,6 +286,18 @@ class PMA:
 
         algorithm = self._algorithm(*args, **kwargs)
         return PMAState(algorithm.init(potential_params, loc, scale), state_key)
+
+    def _template_state(self, args: tuple, kwargs: dict) -> PMAState:
+        """Return a state of the right structure, shapes and dtypes, cheaply.
+
+        The guide is set up with a fixed key and no whitening fit runs; only
+        the structure matters, for restoring a checkpoint onto it.
+        """
+        potential_params, loc, scale = self._setup_guide(
+            jax.random.key(0), args, kwargs
+        )
+        algorithm = self._algorithm(*args, **kwargs)
+        return PMAState(algorithm.init(potential_params, loc, scale), jax.random.key(0))
 
     def _step_fn(self, state, step_index, model_args, model_kwargs):
         algorithm = self._algorithm(*model_args, **model_kwargs)
@@ -271,38 +322,111 @@ class PMA:
 
     def run(
         self,
-        rng_key: jax.Array,
+        rng_key: jax.Array | None,
         num_steps: int,
         *args,
         progress_bar: bool = True,
         init_state: PMAState | None = None,
         chunk_size: int = 100,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume_from: str | os.PathLike | None = None,
         **kwargs,
     ) -> PMARunResult:
         """Run ``num_steps`` mirror steps and return params, state and trace.
 
+        Steps run in compiled chunks that end at multiples of ``chunk_size`` in
+        the global step count, and step ``k`` draws with the key
+        ``fold_in(rng_key, k)``. A run continued from a saved state therefore
+        repeats an uninterrupted run exactly (bitwise on CPU).
+
         Args:
-            rng_key: Key for ``init`` (ignored when ``init_state`` is given).
-            num_steps: Number of mirror steps.
+            rng_key: Key for ``init``; ignored (and may be ``None``) when
+                ``init_state`` or ``resume_from`` is given.
+            num_steps: Number of mirror steps. With ``resume_from`` it counts
+                the steps of the whole run, those in the checkpoint included, so
+                repeating the call of an interrupted run finishes it.
             *args: Positional arguments of the model.
             progress_bar: Show a progress bar with the latest ELBO.
-            init_state: Continue from this state instead of calling ``init``.
-            chunk_size: Steps per compiled call (the bar updates once a chunk).
+            init_state: Continue from this state instead of calling ``init``;
+                ``num_steps`` more steps are taken.
+            chunk_size: Maximum number of steps per compiled call (the bar
+                updates once a chunk). With ``checkpoint_every`` it is lowered to the
+                largest divisor of ``checkpoint_every`` not above it.
+            checkpoint_path: File to which the whole state and the trace so far
+                are written atomically (see :mod:`numpyro_pma.checkpoint`):
+                every ``checkpoint_every`` steps, at the end, and when the run
+                stops on :class:`~numpyro_pma.PMAFailure` or
+                ``KeyboardInterrupt``.
+            checkpoint_every: Steps between checkpoints, counted from step 0 of
+                the run's state; ``None`` writes only at the end and on a stop.
+            resume_from: Continue the run saved in this checkpoint file; the
+                model arguments and guide must be those of the saved run.
             **kwargs: Keyword arguments of the model.
 
         Returns:
-            A :class:`PMARunResult`.
+            A :class:`PMARunResult`. With ``resume_from`` its trace starts with
+            the steps stored in the checkpoint.
 
         Raises:
             PMAFailure: ``max_consecutive_rejections`` steps in a row failed;
-                the error carries the state and the trace so far.
+                the error carries the state and the trace so far (and the
+                checkpoint, if any, holds them too).
+            ValueError: An option is invalid, the checkpoint does not match the
+                model and guide, or it already holds more than ``num_steps``
+                steps.
+            FileNotFoundError: ``resume_from`` does not exist.
         """
-        _check_positive_int("num_steps", num_steps)
-        _check_positive_int("chunk_size", chunk_size)
+        check_positive_int("num_steps", num_steps)
+        check_positive_int("chunk_size", chunk_size)
+        if checkpoint_every is not None:
+            check_positive_int("checkpoint_every", checkpoint_every)
+            if checkpoint_path is None:
+                raise ValueError(
+                    f"checkpoint_every={checkpoint_every} needs a checkpoint_path to "
+                    "write to"
+                )
+        if checkpoint_path is not None:
+            checkpoint_path = check_checkpoint_path(checkpoint_path)
+        if resume_from is not None:
+            resume_from = check_checkpoint_path(resume_from, "resume_from")
+            if init_state is not None:
+                raise ValueError(
+                    "pass either init_state or resume_from, not both: both give the "
+                    "state to continue from"
+                )
+            if not os.path.isfile(resume_from):
+                raise FileNotFoundError(
+                    f"resume_from {resume_from!r} does not exist; run without "
+                    "resume_from to start the run"
+                )
+        elif init_state is None:
+            check_rng_key(rng_key)
+        chunk_size = aligned_chunk_size(chunk_size, checkpoint_every)
+
         start = time.perf_counter()
-        state = (
-            self.init(rng_key, *args, **kwargs) if init_state is None else init_state
+        state = init_state
+        previous_trace = None
+        remaining = num_steps
+        if resume_from is not None:
+            template = self._template_state(args, kwargs)
+            checkpoint = load_checkpoint(resume_from, template.mirror_state)
+            state = PMAState(checkpoint.mirror_state, checkpoint.rng_key)
+            previous_trace = checkpoint.trace
+            num_done = len(previous_trace.elbo)
+            if num_done > num_steps:
+                raise ValueError(
+                    f"checkpoint {resume_from!r} already contains {num_done} steps, "
+                    f"more than num_steps={num_steps}; with resume_from, num_steps "
+                    "counts the steps of the whole run"
+                )
+            remaining = num_steps - num_done
+        first_step = 0 if state is None else int(state.mirror_state.step)
+        check_step_size_range(
+            self.step_size, first_step, first_step + max(remaining, 1) - 1
         )
+        if state is None:
+            state = self.init(rng_key, *args, **kwargs)
         jax.block_until_ready(state)
         init_time = time.perf_counter() - start if init_state is None else 0.0
 
@@ -336,15 +460,26 @@ class PMA:
                 self._executables[signature] = executable
             return executable(*inputs)
 
+        checkpoint_fn = None
+        if checkpoint_path is not None:
+
+            def checkpoint_fn(state: PMAState, trace: MirrorInfo) -> None:
+                save_checkpoint(
+                    checkpoint_path, state.mirror_state, state.rng_key, trace
+                )
+
         start = time.perf_counter()
         outcome: TrainingOutcome = run_chunks(
             chunk_fn,
             state,
-            num_steps,
+            remaining,
             mirror_state_fn=lambda state: state.mirror_state,
-            chunk_size=min(chunk_size, num_steps),
+            chunk_size=chunk_size,
             progress_bar=progress_bar,
             max_consecutive_rejections=self.max_consecutive_rejections,
+            initial_trace=previous_trace,
+            checkpoint_fn=checkpoint_fn,
+            checkpoint_every=checkpoint_every,
         )
         run_time = time.perf_counter() - start - compile_time
         return PMARunResult(
@@ -352,4 +487,48 @@ class PMA:
             state=outcome.state,
             trace=outcome.trace,
             timing=RunTiming(init_time, compile_time, run_time),
+        )
+
+    def resume(
+        self,
+        checkpoint_path: str | os.PathLike,
+        num_steps: int,
+        *args,
+        checkpoint_every: int | None = None,
+        progress_bar: bool = True,
+        chunk_size: int = 100,
+        **kwargs,
+    ) -> PMARunResult:
+        """Continue the run saved in ``checkpoint_path`` up to ``num_steps`` steps.
+
+        Equivalent to ``run(None, num_steps, *args, resume_from=checkpoint_path,
+        checkpoint_path=checkpoint_path, ...)``: new checkpoints replace the
+        file. The result equals that of the uninterrupted run (bitwise on CPU)
+        when ``chunk_size`` and ``checkpoint_every`` are those of the original
+        run.
+
+        Args:
+            checkpoint_path: The checkpoint to continue from and to update.
+            num_steps: Steps of the whole run, those already in the checkpoint
+                included.
+            *args: Positional arguments of the model, as in the saved run.
+            checkpoint_every: Steps between checkpoints; ``None`` writes only at
+                the end and on a stop.
+            progress_bar: Show a progress bar with the latest ELBO.
+            chunk_size: Maximum number of steps per compiled call.
+            **kwargs: Keyword arguments of the model, as in the saved run.
+
+        Returns:
+            A :class:`PMARunResult` whose trace covers the whole run.
+        """
+        return self.run(
+            None,
+            num_steps,
+            *args,
+            progress_bar=progress_bar,
+            chunk_size=chunk_size,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every,
+            resume_from=checkpoint_path,
+            **kwargs,
         )

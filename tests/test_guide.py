@@ -90,7 +90,7 @@ def test_posterior_log_prob_matches_intermediates(svi_fit):
     "options, message",
     [
         (dict(hidden_sizes=(8, 0)), "hidden_sizes"),
-        (dict(hidden_sizes=(8.5,)), "hidden_sizes"),
+        (dict(hidden_sizes=(8, -2)), "hidden_sizes"),
         (dict(min_eigenvalue=0.0), "min_eigenvalue"),
         (dict(min_eigenvalue=float("nan")), "min_eigenvalue"),
         (dict(init_scale=-1.0), "init_scale"),
@@ -99,3 +99,9 @@ def test_posterior_log_prob_matches_intermediates(svi_fit):
 def test_invalid_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         AutoBrenier(model, **options)
+
+
+@pytest.mark.parametrize("hidden_sizes", [3, (8.5,), (True,), "64"])
+def test_hidden_sizes_of_wrong_type_raise(hidden_sizes):
+    with pytest.raises(TypeError, match="hidden_sizes"):
+        AutoBrenier(model, hidden_sizes=hidden_sizes)

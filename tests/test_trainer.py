@@ -54,6 +54,20 @@ def test_same_key_same_result():
         np.testing.assert_array_equal(a, b)
 
 
+def test_init_depends_on_key_only():
+    # The guide is set up afresh on every init: neither an earlier init with
+    # another key nor a new guide object changes the state for a given key.
+    _, pma = small_pma(num_whitening_steps=0)
+    pma.init(jax.random.key(8), DATA)
+    reused = pma.init(jax.random.key(3), DATA)
+    _, fresh_pma = small_pma(num_whitening_steps=0)
+    fresh = fresh_pma.init(jax.random.key(3), DATA)
+    for a, b in zip(jax.tree.leaves(reused), jax.tree.leaves(fresh), strict=True):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
 def test_continuing_equals_one_long_run():
     _, pma = small_pma()
     full = pma.run(jax.random.key(4), 20, DATA, progress_bar=False, chunk_size=5)
