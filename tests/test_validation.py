@@ -252,11 +252,10 @@ def test_invalid_hidden_sizes_raise(hidden_sizes, error):
         check_hidden_sizes(hidden_sizes)
 
 
-def test_hidden_sizes_checked_by_pma():
-    # AutoBrenier accepts bool widths (bool is an int); PMA rejects them.
-    guide = AutoBrenier(gaussian_model, hidden_sizes=(True,))
+def test_hidden_sizes_checked_by_guide():
+    # bool is an int subclass, so a bool width must be rejected explicitly.
     with pytest.raises(TypeError, match="hidden_sizes"):
-        PMA(gaussian_model, guide)
+        AutoBrenier(gaussian_model, hidden_sizes=(True,))
 
 
 # -- message helpers -------------------------------------------------------------
