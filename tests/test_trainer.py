@@ -37,7 +37,7 @@ def test_run_returns_trace_and_params():
     assert int(result.state.mirror_state.step) == 30
     draws = guide.sample_posterior(jax.random.key(1), result.params, sample_shape=(7,))
     assert draws["mu"].shape == (7, 2)
-    # Posterior N(sum y / 4, 1/4 I): the exact answer is within reach of a
+    # Posterior N(sum y / 4, 1/4 I): the exact posterior is within reach of a
     # Gaussian guide, so the ELBO ends within noise of log Z.
     assert result.timing.compile_time > 0
     assert result.timing.run_time > 0
@@ -129,8 +129,8 @@ def test_invalid_num_steps_raises():
 
 
 def test_eight_schools_matches_reference_draws():
-    # The acceptance check: means within 0.1 reference sd and sds within
-    # 10% for every parameter. Monte Carlo error of the summaries: with 20000
+    # Acceptance check: means within 0.1 reference sd and sds within 10% for
+    # every parameter. Monte Carlo error of the summaries: with 20000
     # guide draws the mean's error is 0.007 sd and the sd's relative error is
     # about 1% (tau's heavier tail: about 3%), well inside the tolerances.
     posterior = load_posterior("eight_schools-eight_schools_noncentered")
