@@ -237,5 +237,5 @@ def scan_steps(step_fn: Callable, rng_key: jax.Array) -> Callable:
 
 
 def is_array(value: Any) -> bool:
-    """Whether a model argument leaf is traced (an array) rather than static."""
+    """Return whether a model argument leaf is traced (an array), not static."""
     return isinstance(value, jax.Array | np.ndarray | jnp.ndarray | np.generic)
