@@ -1,5 +1,8 @@
 """Log determinants of Hessians, exact (Cholesky) and stochastic (Lanczos).
 
+The exact low-rank method for a Brenier potential without axis tails lives in
+:mod:`numpyro_pma.lowrank`; :func:`choose_logdet_method` chooses among all three.
+
 The guide's density needs ``log det Hess u(x)`` for a strictly convex potential
 ``u: R^d -> R``. For small ``d`` the Hessian is formed by forward-over-reverse
 differentiation and factorized. For large ``d`` the Hessian is touched only
@@ -45,7 +48,7 @@ __all__ = [
 # Up to here the exact value is also the cheaper one; see choose_logdet_method.
 EXACT_LOGDET_MAX_DIM = 256
 
-_METHODS = ("auto", "cholesky", "slq")
+_METHODS = ("auto", "cholesky", "slq", "low_rank")
 
 
 class LogdetResult(NamedTuple):
@@ -420,39 +423,63 @@ def logdet_gradient_surrogate(
     return jnp.mean(jnp.sum(solutions * products, axis=-1))
 
 
-def choose_logdet_method(dim: int, method: str = "auto") -> str:
-    """Pick ``"cholesky"`` or ``"slq"`` for a ``dim``-dimensional Hessian.
+def choose_logdet_method(
+    dim: int, method: str = "auto", *, projection_rank: int | None = None
+) -> str:
+    """Pick ``"cholesky"``, ``"low_rank"`` or ``"slq"`` for a ``(dim, dim)`` Hessian.
 
-    ``"auto"`` returns ``"cholesky"`` for ``dim <= EXACT_LOGDET_MAX_DIM`` (256)
-    and ``"slq"`` above. The exact method needs ``dim`` Hessian-vector products
-    (batched by ``jax.jacfwd``), an ``O(dim^3)`` factorization and ``dim^2``
-    memory per point; SLQ needs ``num_probes * num_lanczos_steps`` products
-    (480 with the defaults) and returns a noisy value. Measured on one thread
-    of a shared 2-core CPU (float64, jit, compile excluded) for a convex potential
-    ``sum c_i x_i^2 / 2 + sum of 256 softplus features``, exact vs SLQ per
-    point: 0.3 vs 2.8 ms at ``dim = 100``, 2.1 vs 7.6 ms at 256, 7.1 vs
-    10.1 ms at 500, 46 vs 20 ms at 1000. The threshold is about half the
-    measured crossover, because the crossover moves with the SLQ settings and
-    with the cost of a Hessian-vector product, and the exact Hessian takes
-    ``dim^2`` memory per point of a batch.
+    ``"auto"`` returns ``"cholesky"`` for ``dim <= EXACT_LOGDET_MAX_DIM`` (256).
+    Above, it returns ``"low_rank"`` when ``projection_rank`` is given and
+    below ``dim``, and ``"slq"`` otherwise. The exact method needs ``dim``
+    Hessian-vector products (batched by ``jax.jacfwd``), an ``O(dim^3)``
+    factorization and ``dim^2`` memory per point; SLQ needs ``num_probes *
+    num_lanczos_steps`` products (480 with the defaults) and returns a noisy
+    value. Measured on one thread of a shared 2-core CPU (float64, jit,
+    compile excluded) for a convex potential ``sum c_i x_i^2 / 2 + sum of 256
+    softplus features``, exact vs SLQ per point: 0.3 vs 2.8 ms at
+    ``dim = 100``, 2.1 vs 7.6 ms at 256, 7.1 vs 10.1 ms at 500, 46 vs 20 ms at
+    1000. The threshold is about half the measured crossover, because the
+    crossover moves with the SLQ settings and with the cost of a
+    Hessian-vector product, and the exact Hessian takes ``dim^2`` memory per
+    point of a batch. The low-rank method
+    (:func:`~numpyro_pma.lowrank.map_and_logdet_low_rank`) is exact and costs
+    ``O(r^3 + dim r)`` per point after one ``O(dim^3)`` factorization shared by
+    all points, where ``r = projection_rank``; it applies only to a
+    :class:`~numpyro_pma.potential.BrenierPotential` without axis tails.
 
     Args:
         dim: Dimension of the Hessian.
-        method: ``"auto"``, ``"cholesky"`` or ``"slq"``.
+        method: ``"auto"``, ``"cholesky"``, ``"slq"`` or ``"low_rank"``.
+        projection_rank: ``r = sum(hidden_sizes)`` of a potential whose Hessian
+            has the low-rank form (see
+            :func:`~numpyro_pma.lowrank.projection_rank`), or ``None`` when it
+            does not (axis tails, or a Hessian of another function).
 
     Returns:
-        ``"cholesky"`` or ``"slq"``.
+        ``"cholesky"``, ``"low_rank"`` or ``"slq"``.
 
     Raises:
-        ValueError: If ``method`` is not one of the three names or ``dim`` is
-            not a positive integer.
+        ValueError: If ``method`` is not one of the four names, ``dim`` is not
+            a positive integer, or ``method`` is ``"low_rank"`` while
+            ``projection_rank`` is ``None``.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
     _check_positive_int("dim", dim)
+    if projection_rank is not None:
+        _check_positive_int("projection_rank", projection_rank, minimum=0)
+    if method == "low_rank" and projection_rank is None:
+        raise ValueError(
+            "method 'low_rank' needs the projection_rank of a potential without "
+            "axis tails; got projection_rank=None."
+        )
     if method != "auto":
         return method
-    return "cholesky" if dim <= EXACT_LOGDET_MAX_DIM else "slq"
+    if dim <= EXACT_LOGDET_MAX_DIM:
+        return "cholesky"
+    if projection_rank is not None and projection_rank < dim:
+        return "low_rank"
+    return "slq"
 
 
 def logdet_hessian(
@@ -470,8 +497,11 @@ def logdet_hessian(
     factorizes it (standard error 0, NaN where the Hessian is not positive
     definite), and its value can be differentiated. ``"slq"`` runs
     :func:`logdet_slq` on :func:`hessian_vector_product`, and its value carries
-    no gradient. ``"auto"`` chooses by :func:`choose_logdet_method`. Use
-    ``jax.vmap`` for a batch of points.
+    no gradient. ``"auto"`` chooses between the two by
+    :func:`choose_logdet_method`. The low-rank method needs the structure of a
+    potential, not just ``fn``: use
+    :func:`~numpyro_pma.lowrank.map_and_logdet_low_rank`. Use ``jax.vmap`` for
+    a batch of points.
 
     Args:
         rng_key: Key for the SLQ probes; unused by ``"cholesky"``.
@@ -486,9 +516,15 @@ def logdet_hessian(
         A :class:`LogdetEstimate`.
 
     Raises:
-        ValueError: If ``x`` is not one-dimensional, ``method`` is unknown, or an
-            SLQ setting is out of range.
+        ValueError: If ``x`` is not one-dimensional, ``method`` is unknown or
+            ``"low_rank"``, or an SLQ setting is out of range.
     """
+    if method == "low_rank":
+        raise ValueError(
+            "logdet_hessian cannot use method 'low_rank', which needs a "
+            "potential's structure; call numpyro_pma.lowrank."
+            "map_and_logdet_low_rank instead."
+        )
     if jnp.ndim(x) != 1:
         raise ValueError(f"x must have shape (dim,); got shape {jnp.shape(x)}.")
     dim = jnp.shape(x)[0]

@@ -14,13 +14,19 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform
 
-from numpyro_pma.logdet import hessian_and_gradient, logdet_cholesky
+from numpyro_pma.logdet import (
+    LogdetEstimate,
+    hessian_and_gradient,
+    logdet_cholesky,
+    logdet_slq,
+)
 from numpyro_pma.potential import BrenierPotential, quadratic_coefficients
 
-__all__ = ["BrenierTransform", "map_and_logdet"]
+__all__ = ["BrenierTransform", "map_and_logdet", "map_and_logdet_slq"]
 
 # Step lengths tried by the Newton line search: 1, 1/2, ..., 2^-12.
 _LINE_SEARCH_STEPS = 2.0 ** -jnp.arange(13)
@@ -40,6 +46,73 @@ def map_and_logdet(potential_fn: Callable, x: jax.Array):
     gradient, hessian = hessian_and_gradient(potential_fn, x)
     logdet, _ = logdet_cholesky(hessian)
     return gradient, logdet
+
+
+def map_and_logdet_slq(
+    rng_key: jax.Array,
+    potential_fn: Callable,
+    x: jax.Array,
+    *,
+    num_probes: int = 16,
+    num_lanczos_steps: int = 30,
+    preconditioner: jax.Array | None = None,
+) -> tuple[jax.Array, LogdetEstimate]:
+    """Evaluate ``T(x) = grad u(x)`` and estimate ``log det Hess u(x)`` by SLQ.
+
+    ``jax.linearize`` of ``grad u`` at ``x`` gives the gradient and a linear map
+    ``v -> Hess u(x) v`` that reuses the stored intermediates, so each of the
+    ``num_probes * num_lanczos_steps`` Hessian-vector products costs about one
+    gradient evaluation. The Hessian of shape ``(dim, dim)`` is never formed; the
+    largest array is the Lanczos basis of shape
+    ``(num_probes, num_lanczos_steps, dim)``.
+
+    With a lower-triangular ``preconditioner`` ``C`` (for example the Cholesky
+    factor of the potential's quadratic part), the estimate is
+
+        log det H = 2 sum_i log C_ii + log det(C^{-1} H C^{-T}),
+
+    exact for any invertible ``C``, with SLQ applied to the second term. When
+    ``C C^T`` is close to ``H`` that matrix is close to the identity, so the
+    probe noise and the quadrature bias both shrink. Each product then adds
+    two triangular solves, ``O(dim^2)``.
+
+    Args:
+        rng_key: Key for the Rademacher probes.
+        potential_fn: ``u``, maps a point of shape ``(dim,)`` to a scalar.
+        x: Point of shape ``(dim,)``.
+        num_probes: Probes of :func:`~numpyro_pma.logdet.logdet_slq`.
+        num_lanczos_steps: Lanczos steps per probe.
+        preconditioner: ``C``, lower triangular with a positive diagonal, shape
+            ``(dim, dim)``; ``None`` applies SLQ to the Hessian itself.
+
+    Returns:
+        ``(T(x), estimate)``: the map of shape ``(dim,)`` and a
+        :class:`~numpyro_pma.logdet.LogdetEstimate` whose values carry no
+        gradient. The estimate is NaN when a Ritz value is negative (proof that
+        the Hessian is not positive definite).
+    """
+    gradient, hessian_vector_product = jax.linearize(jax.grad(potential_fn), x)
+    matvec_fn = hessian_vector_product
+    offset = jnp.zeros((), jnp.result_type(x))
+    if preconditioner is not None:
+
+        def matvec_fn(vector):
+            inner = solve_triangular(preconditioner, vector, lower=True, trans="T")
+            product = hessian_vector_product(inner)
+            return solve_triangular(preconditioner, product, lower=True)
+
+        offset = 2.0 * jnp.sum(jnp.log(jnp.diagonal(preconditioner)))
+
+    estimate = logdet_slq(
+        rng_key,
+        matvec_fn,
+        jnp.shape(x)[0],
+        num_probes=num_probes,
+        num_lanczos_steps=num_lanczos_steps,
+        dtype=jnp.result_type(x),
+    )
+    offset = jax.lax.stop_gradient(offset)
+    return gradient, LogdetEstimate(estimate.logdet + offset, estimate.standard_error)
 
 
 def _vectorize(fn: Callable, x: jax.Array, dim: int):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from numpyro_pma.mirror import mirror_descent
-from numpyro_pma.projection import quadratic_feature_count
 from numpyro_pma.potential import BrenierPotential, quadratic_coefficients
+from numpyro_pma.projection import quadratic_feature_count
 
 DIM = 3
 

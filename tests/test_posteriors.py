@@ -28,6 +28,7 @@ def _float64():
     yield
     jax.config.update("jax_enable_x64", previous)
 
+
 NAMES = list_posteriors()
 DERIVED = {
     "eight_schools-eight_schools_noncentered",
