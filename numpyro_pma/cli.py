@@ -1,4 +1,4 @@
-"""Command-line entry point: ``numpyro-pma demo`` and ``numpyro-pma benchmark``."""
+"""Command-line entry point: ``numpyro-pma demo``, ``benchmark`` and ``performance``."""
 
 import argparse
 import sys
@@ -22,11 +22,21 @@ def main(argv: list[str] | None = None) -> int:
         help="run the reference-posterior benchmark (see `benchmark --help`)",
         add_help=False,
     )
+    commands.add_parser(
+        "performance",
+        help="time a PMA step against an ELBO step (see `performance --help`)",
+        add_help=False,
+    )
     argv = sys.argv[1:] if argv is None else argv
+    # The two benchmarks parse their own arguments; import them only when used.
     if argv and argv[0] == "benchmark":
         from numpyro_pma.benchmark import benchmark_main
 
         return benchmark_main(argv[1:]) or 0
+    if argv and argv[0] == "performance":
+        from numpyro_pma.performance import performance_main
+
+        return performance_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.num_steps < 1:
         parser.error(f"--num-steps must be a positive integer, got {args.num_steps}")
