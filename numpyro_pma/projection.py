@@ -214,19 +214,31 @@ def project_potential(
         values = jax.vmap(lambda point: apply(trainable, point))(x)
         return centered_sum_of_squares(values - targets) / x.shape[0]
 
-    def mask_quadratic(grads):
-        # With an exact quadratic fit the optimizer moves only the network.
-        if not fit_quadratic_exactly:
-            return grads
-        return {
-            **grads,
-            "scale_tril": jnp.zeros_like(grads["scale_tril"]),
-            "shift": jnp.zeros_like(grads["shift"]),
-        }
+    if fit_quadratic_exactly and "network" in params:
+        # The optimizer moves only the network, so the quadratic part's values
+        # are computed once: each step then costs O(n d r) for r hidden units,
+        # not the O(n d^2) of differentiating x'(L L')x / 2 through L.
+        quadratic_at_x = jax.vmap(lambda point: apply(params, point))(x) - jax.vmap(
+            lambda point: network_value(params, point)
+        )(x)
+
+        def network_loss(network_params, trainable):
+            trainable = {**trainable, "network": network_params}
+            values = quadratic_at_x + jax.vmap(
+                lambda point: network_value(trainable, point)
+            )(x)
+            return centered_sum_of_squares(values - targets) / x.shape[0]
+
+        def gradient(trainable):
+            network_grads = jax.grad(network_loss)(trainable["network"], trainable)
+            grads = jax.tree.map(jnp.zeros_like, trainable)
+            return {**grads, "network": network_grads}
+    else:
+        gradient = jax.grad(regression_loss)
 
     def optimizer_step(carry, _):
         trainable, opt_state = carry
-        grads = mask_quadratic(jax.grad(regression_loss)(trainable))
+        grads = gradient(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return (optax.apply_updates(trainable, updates), opt_state), None
 
