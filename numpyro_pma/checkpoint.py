@@ -204,7 +204,11 @@ def load_checkpoint(path: str | os.PathLike, template: MirrorState) -> Checkpoin
     _check_leaves_match(path, template, restored)
     mirror_state = jax.tree.map(jnp.asarray, restored)
 
-    stored_trace = contents["trace"]
+    stored_trace = dict(contents["trace"])
+    if "logdet_stderr" not in stored_trace and "elbo" in stored_trace:
+        # Checkpoints written before the stochastic log determinant existed
+        # used the exact one, whose standard error is zero.
+        stored_trace["logdet_stderr"] = np.zeros_like(np.asarray(stored_trace["elbo"]))
     missing = [field for field in MirrorInfo._fields if field not in stored_trace]
     if missing:
         raise ValueError(

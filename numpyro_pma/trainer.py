@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from numpyro import handlers
 
 from numpyro_pma.checkpoint import (
@@ -23,6 +24,7 @@ from numpyro_pma.driver import (
 )
 from numpyro_pma.guide import AutoBrenier
 from numpyro_pma.mirror import MirrorInfo, MirrorState, StepSize, mirror_descent
+from numpyro_pma.sharding import check_particle_mesh
 from numpyro_pma.validation import (
     check_hidden_sizes,
     check_non_negative_int,
@@ -31,7 +33,7 @@ from numpyro_pma.validation import (
     check_step_size,
     check_step_size_range,
 )
-from numpyro_pma.whitening import fit_diagonal_gaussian
+from numpyro_pma.whitening import fit_dense_gaussian, fit_diagonal_gaussian
 
 __all__ = ["DEFAULT_NUM_STEPS", "PMA", "PMARunResult", "PMAState", "RunTiming"]
 
@@ -78,7 +80,7 @@ class PMARunResult(NamedTuple):
         trace: Per-step :class:`~numpyro_pma.mirror.MirrorInfo` of NumPy arrays
             of shape ``(num_steps,)``: ``step_size``, ``elbo``,
             ``elbo_stderr``, ``displacement``, ``projection_loss``,
-            ``accepted``, ``num_nonfinite``.
+            ``accepted``, ``num_nonfinite``, ``logdet_stderr``.
         timing: Wall-clock seconds of the run's phases.
     """
 
@@ -107,13 +109,29 @@ class PMA:
         num_projection_steps: Optimizer steps of the projection per step.
         projection_optimizer: Optax optimizer of the projection; defaults to
             ``optax.adam(3e-2)``.
-        quadratic_projection: ``"auto"``, ``"lstsq"`` or ``"optimizer"``; see
-            :func:`~numpyro_pma.mirror.mirror_descent`.
+        quadratic_projection: ``"auto"``, ``"lstsq"``, ``"min_norm"`` or
+            ``"optimizer"``; see :func:`~numpyro_pma.mirror.mirror_descent`.
         num_whitening_steps: Adam steps of the diagonal Gaussian fit; 0 keeps
-            the guide's initial ``loc`` and ``scale``.
+            the guide's initial ``loc`` and ``scale``. A guide with dense
+            whitening (the default up to 100 latent dimensions) then refines
+            the fit by Newton steps
+            (:func:`~numpyro_pma.whitening.fit_dense_gaussian`).
         max_consecutive_rejections: ``run`` stops with
             :class:`~numpyro_pma.PMAFailure` after this many rejected steps in
             a row.
+        logdet_method: How ``log det Hess u`` is computed: ``"auto"`` (exact
+            up to 256 dimensions), ``"cholesky"`` or a stochastic method for
+            large dimensions; see :func:`~numpyro_pma.mirror.mirror_descent`
+            and docs/performance.md.
+        num_probes: Probes per draw of the stochastic log determinant.
+        num_lanczos_steps: Lanczos steps per probe of the stochastic log
+            determinant.
+        residual_batch_size: Evaluate the residuals this many draws at a time
+            to bound memory; must divide ``num_particles``.
+        mesh: A :class:`jax.sharding.Mesh` (e.g.
+            :func:`~numpyro_pma.sharding.particle_mesh`) over which each step's
+            draws are split; its size must divide the number of draws
+            evaluated at once.
     """
 
     def __init__(
@@ -128,6 +146,11 @@ class PMA:
         quadratic_projection: str = "auto",
         num_whitening_steps: int = 1000,
         max_consecutive_rejections: int = 25,
+        logdet_method: str = "auto",
+        num_probes: int = 16,
+        num_lanczos_steps: int = 30,
+        residual_batch_size: int | None = None,
+        mesh: Mesh | None = None,
     ):
         if not isinstance(guide, AutoBrenier):
             raise TypeError(
@@ -149,11 +172,25 @@ class PMA:
                 "projection_optimizer must be an optax.GradientTransformation such "
                 f"as optax.adam(3e-2), got {projection_optimizer!r}"
             )
-        if quadratic_projection not in ("auto", "lstsq", "optimizer"):
+        if quadratic_projection not in ("auto", "lstsq", "min_norm", "optimizer"):
             raise ValueError(
-                "quadratic_projection must be 'auto', 'lstsq' or 'optimizer', "
-                f"got {quadratic_projection!r}"
+                "quadratic_projection must be 'auto', 'lstsq', 'min_norm' or "
+                f"'optimizer', got {quadratic_projection!r}"
             )
+        check_positive_int("num_probes", num_probes)
+        if num_probes < 2:
+            # One probe gives no spread, hence no standard error of the estimate.
+            raise ValueError(f"num_probes must be at least 2, got {num_probes}")
+        check_positive_int("num_lanczos_steps", num_lanczos_steps)
+        if residual_batch_size is not None:
+            check_positive_int("residual_batch_size", residual_batch_size)
+            if num_particles % residual_batch_size != 0:
+                raise ValueError(
+                    f"residual_batch_size ({residual_batch_size}) must divide "
+                    f"num_particles ({num_particles})"
+                )
+        if mesh is not None:
+            check_particle_mesh(mesh, residual_batch_size or num_particles)
         self.model = model
         self.guide = guide
         self.step_size = step_size
@@ -163,6 +200,11 @@ class PMA:
         self.quadratic_projection = quadratic_projection
         self.num_whitening_steps = num_whitening_steps
         self.max_consecutive_rejections = max_consecutive_rejections
+        self.logdet_method = logdet_method
+        self.num_probes = num_probes
+        self.num_lanczos_steps = num_lanczos_steps
+        self.residual_batch_size = residual_batch_size
+        self.mesh = mesh
         self._compiled = {}
         self._executables = {}
 
@@ -182,6 +224,11 @@ class PMA:
             projection_optimizer=self.projection_optimizer,
             num_projection_steps=self.num_projection_steps,
             quadratic_projection=self.quadratic_projection,
+            logdet_method=self.logdet_method,
+            num_probes=self.num_probes,
+            num_lanczos_steps=self.num_lanczos_steps,
+            residual_batch_size=self.residual_batch_size,
+            mesh=self.mesh,
         )
 
     def _compile(self, name: str, fn: Callable, args: tuple, kwargs: dict):
@@ -272,6 +319,9 @@ class PMA:
         check_rng_key(rng_key)
         setup_key, whitening_key, state_key = jax.random.split(rng_key, 3)
         potential_params, loc, scale = self._setup_guide(setup_key, args, kwargs)
+        # Built before the whitening fit, so that its argument checks (which
+        # need the latent dimension) fail fast.
+        algorithm = self._algorithm(*args, **kwargs)
 
         if self.num_whitening_steps > 0:
             # The fit runs once per init, so its compilation is not cached.
@@ -283,8 +333,17 @@ class PMA:
             )
             if bool(jnp.all(jnp.isfinite(fit.loc)) & jnp.all(jnp.isfinite(fit.scale))):
                 loc, scale = fit.loc, fit.scale
-
-        algorithm = self._algorithm(*args, **kwargs)
+        if self.guide.dense_whitening:
+            if scale.ndim == 1:
+                scale = jnp.diag(scale)
+            if self.num_whitening_steps > 0:
+                dense_fit = fit_dense_gaussian(
+                    jax.random.fold_in(whitening_key, 1),
+                    self._logdensity_fn(*args, **kwargs),
+                    loc,
+                    scale,
+                )
+                loc, scale = dense_fit.loc, dense_fit.scale_tril
         return PMAState(algorithm.init(potential_params, loc, scale), state_key)
 
     def _template_state(self, args: tuple, kwargs: dict) -> PMAState:

@@ -13,8 +13,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from flax import serialization
 
-from numpyro_pma import PMA, AutoBrenier, PMAFailure, driver
+from numpyro_pma import PMA, AutoBrenier, PMAFailure, checkpoint, driver
 from numpyro_pma.checkpoint import load_checkpoint, save_checkpoint
 from numpyro_pma.driver import aligned_chunk_size, chunk_bounds
 from numpyro_pma.mirror import MirrorInfo
@@ -241,6 +242,34 @@ def test_raw_uint32_key_round_trips(uninterrupted, reference_pma, tmp_path):
     restored = load_checkpoint(path, template).rng_key
     assert restored.dtype == jnp.uint32
     np.testing.assert_array_equal(restored, raw_key)
+
+
+def test_checkpoint_without_logdet_stderr_loads(uninterrupted, reference_pma, tmp_path):
+    # Files written before MirrorInfo had logdet_stderr used the exact log
+    # determinant, so the field comes back as zeros.
+    result, _ = uninterrupted
+    path = tmp_path / "older.ckpt"
+    contents = {
+        "format": checkpoint.CHECKPOINT_FORMAT,
+        "version": checkpoint._FORMAT_VERSION,
+        "mirror_state": serialization.to_state_dict(
+            jax.device_get(result.state.mirror_state)
+        ),
+        "rng_key_data": np.asarray(jax.random.key_data(result.state.rng_key)),
+        "rng_key_impl": str(jax.random.key_impl(result.state.rng_key)),
+        "trace": {
+            field: np.asarray(value)
+            for field, value in result.trace._asdict().items()
+            if field != "logdet_stderr"
+        },
+    }
+    path.write_bytes(serialization.msgpack_serialize(contents))
+    template = reference_pma.init(jax.random.key(1), DATA).mirror_state
+    restored = load_checkpoint(path, template)
+    np.testing.assert_array_equal(restored.trace.elbo, result.trace.elbo)
+    np.testing.assert_array_equal(
+        restored.trace.logdet_stderr, np.zeros(NUM_STEPS, result.trace.elbo.dtype)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,11 @@ def test_update_matches_run():
         (dict(num_projection_steps=-1), ValueError, "num_projection_steps"),
         (dict(quadratic_projection="exact"), ValueError, "quadratic_projection"),
         (dict(num_whitening_steps=-5), ValueError, "num_whitening_steps"),
+        (dict(num_probes=0), ValueError, "num_probes"),
+        (dict(num_lanczos_steps=1.5), TypeError, "num_lanczos_steps"),
+        (dict(num_probes=1), ValueError, "num_probes"),
+        (dict(residual_batch_size=100), ValueError, "residual_batch_size"),
+        (dict(mesh="cpu"), TypeError, "mesh"),
     ],
 )
 def test_invalid_options_raise(options, error, message):
@@ -113,6 +118,36 @@ def test_invalid_options_raise(options, error, message):
     step_size = options.pop("step_size", 0.5)
     with pytest.raises(error, match=message):
         PMA(gaussian_model, guide, step_size=step_size, **options)
+
+
+def test_unknown_logdet_method_raises_before_whitening():
+    # The whitening fit would take seconds; the bad name is reported first.
+    _, pma = small_pma(logdet_method="exact", num_whitening_steps=10**6)
+    with pytest.raises(ValueError, match="logdet_method"):
+        pma.init(jax.random.key(0), DATA)
+
+
+def test_large_dimension_options_reach_the_mirror_step():
+    # Forced SLQ with residuals in batches of 16 and a one-device mesh: the
+    # trace reports the probe noise, which the exact log determinant lacks.
+    from numpyro_pma.sharding import particle_mesh
+
+    _, exact = small_pma(num_whitening_steps=0)
+    _, stochastic = small_pma(
+        num_whitening_steps=0,
+        logdet_method="slq",
+        num_probes=4,
+        num_lanczos_steps=2,
+        residual_batch_size=16,
+        mesh=particle_mesh(jax.devices()[:1]),
+    )
+    exact_run = exact.run(jax.random.key(2), 5, DATA, progress_bar=False)
+    slq_run = stochastic.run(jax.random.key(2), 5, DATA, progress_bar=False)
+    np.testing.assert_array_equal(exact_run.trace.logdet_stderr, 0.0)
+    assert np.all(slq_run.trace.logdet_stderr > 0)
+    # Two Lanczos steps are exact in d = 2 (up to float32 rounding), so both
+    # runs take the same first step.
+    assert slq_run.trace.elbo[0] == pytest.approx(exact_run.trace.elbo[0], abs=1e-4)
 
 
 def test_wrong_guide_type_raises():
