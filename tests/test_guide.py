@@ -105,3 +105,19 @@ def test_invalid_options_raise(options, message):
 def test_hidden_sizes_of_wrong_type_raise(hidden_sizes):
     with pytest.raises(TypeError, match="hidden_sizes"):
         AutoBrenier(model, hidden_sizes=hidden_sizes)
+
+
+def test_axis_tails_default_depends_on_dimension():
+    # Above EXACT_LOGDET_MAX_DIM the default potential has no axis tails, so
+    # the mirror step can use the exact low-rank log determinant.
+    def model(dim):
+        numpyro.sample("z", dist.Normal(jnp.zeros(dim), 1.0).to_event(1))
+
+    for dim, expected in [(256, True), (257, False)]:
+        guide = AutoBrenier(model, hidden_sizes=(2,))
+        numpyro.handlers.seed(guide, jax.random.key(0))(dim)
+        assert guide.resolved_axis_tails is expected
+        assert guide.potential.axis_tails is expected
+    forced = AutoBrenier(model, hidden_sizes=(2,), axis_tails=True)
+    numpyro.handlers.seed(forced, jax.random.key(0))(257)
+    assert forced.potential.axis_tails
