@@ -35,14 +35,15 @@ configuration runs in a fresh Python subprocess unless ``--no-isolate`` is
 given. The growth exponent ``b`` of ``time ∝ d^b`` is the least-squares slope
 of ``log time`` on ``log d``.
 
-Preconditioning (``--preconditioning``). On an ill-conditioned Gaussian and
-bundled reference posteriors, PMA runs with and without whitening (a diagonal
-Gaussian fit sets ``loc`` and ``scale``; without it ``loc`` is the model's
-initial point and ``scale = 1``) and with and without step-size adaptation
-(without it no step is rejected for a falling ELBO and the multiplier stays
-1; steps with non-finite residuals are still rejected). The table gives the
-steps each variant needs to bring its ELBO within ``0.05`` nats of the best
-final ELBO of the four.
+Preconditioning (``--preconditioning``). On ill-conditioned Gaussians and
+bundled reference posteriors, PMA runs with three whitenings (dense: the
+diagonal Gaussian fit refined by
+:func:`~numpyro_pma.whitening.fit_dense_gaussian`; diagonal: the diagonal fit
+alone; none: ``loc`` is the model's initial point and ``scale = 1``), each
+with and without step-size adaptation (without it no step is rejected for a
+falling ELBO and the multiplier stays 1; steps with non-finite residuals are
+still rejected). The table gives the steps each variant needs to bring its
+ELBO within ``0.05`` nats of the best final ELBO of the six.
 """
 
 import argparse
@@ -77,7 +78,7 @@ from numpyro_pma.lowrank import (
 from numpyro_pma.mirror import mirror_descent
 from numpyro_pma.potential import BrenierPotential
 from numpyro_pma.transform import map_and_logdet
-from numpyro_pma.whitening import fit_diagonal_gaussian
+from numpyro_pma.whitening import fit_dense_gaussian, fit_diagonal_gaussian
 
 __all__ = [
     "PreconditioningRecord",
@@ -95,6 +96,7 @@ DEFAULT_DIMS = (2, 10, 100, 1000)
 DEFAULT_BATCH_SIZES = (256, 4096)
 DEFAULT_TARGETS = (
     "gaussian-ill-conditioned",
+    "gaussian-correlated",
     "eight_schools-eight_schools_noncentered",
     "kidiq-kidscore_interaction",
 )
@@ -538,7 +540,8 @@ class PreconditioningRecord(NamedTuple):
     Attributes:
         target: Target name.
         dim: Its dimension.
-        whitening: Whether ``loc`` and ``scale`` came from a diagonal Gaussian fit.
+        whitening: Where ``loc`` and ``scale`` came from: ``"dense"``,
+            ``"diagonal"`` (Gaussian fits) or ``"none"``.
         adaptation: Whether falling-ELBO steps were rejected and the step size
             adapted.
         final_elbo: Mean of the smoothed accepted ELBO over the last 20 steps;
@@ -552,7 +555,7 @@ class PreconditioningRecord(NamedTuple):
 
     target: str
     dim: int
-    whitening: bool
+    whitening: str
     adaptation: bool
     final_elbo: float
     steps_to_tolerance: int | None
@@ -570,6 +573,18 @@ def _preconditioning_target(name: str, rng_key: jax.Array):
 
         def logdensity_fn(z):
             return -0.5 * jnp.sum(((z - mean) / scales) ** 2)
+
+        return logdensity_fn, jnp.zeros(8)
+    if name == "gaussian-correlated":
+        # The same standard deviations along rotated axes: a diagonal fit
+        # cannot whiten it, a dense one can.
+        scales = jnp.geomspace(0.01, 10.0, 8)
+        rotation, _ = jnp.linalg.qr(jax.random.normal(rng_key, (8, 8)))
+        precision = rotation @ jnp.diag(scales**-2) @ rotation.T
+        mean = jnp.ones(8)
+
+        def logdensity_fn(z):
+            return -0.5 * (z - mean) @ precision @ (z - mean)
 
         return logdensity_fn, jnp.zeros(8)
 
@@ -621,7 +636,7 @@ def run_preconditioning_benchmark(
         step_size: Initial step size of the cosine schedule.
 
     Returns:
-        Four records per target.
+        Six records per target.
     """
     schedule = optax.cosine_decay_schedule(step_size, num_steps, alpha=0.02)
     records = []
@@ -633,10 +648,18 @@ def run_preconditioning_benchmark(
         potential = BrenierPotential(dim=dim, hidden_sizes=tuple(hidden_sizes))
         params = potential.init(init_key, jnp.zeros(dim))["params"]
         fit = fit_diagonal_gaussian(whitening_key, logdensity_fn, init_position)
+        dense_fit = fit_dense_gaussian(
+            jax.random.fold_in(whitening_key, 1), logdensity_fn, fit.loc, fit.scale
+        )
+        whitenings = {
+            "dense": (dense_fit.loc, dense_fit.scale_tril),
+            "diagonal": (fit.loc, fit.scale),
+            "none": (init_position, None),
+        }
 
         runs = []
         progress = []
-        for whitening in (True, False):
+        for whitening, (loc, scale) in whitenings.items():
             for adaptation in (True, False):
                 options = {}
                 if not adaptation:
@@ -652,10 +675,7 @@ def run_preconditioning_benchmark(
                     num_particles=num_particles,
                     **options,
                 )
-                if whitening:
-                    state = algorithm.init(params, fit.loc, fit.scale)
-                else:
-                    state = algorithm.init(params, init_position, None)
+                state = algorithm.init(params, loc, scale)
 
                 def run(state, algorithm=algorithm, run_key=run_key):
                     def body(carry, index):
@@ -708,7 +728,7 @@ def format_preconditioning_table(records: Sequence[PreconditioningRecord]) -> st
     for r in records:
         steps = "not reached" if r.steps_to_tolerance is None else r.steps_to_tolerance
         lines.append(
-            f"| {r.target} | {r.dim} | {'yes' if r.whitening else 'no'} "
+            f"| {r.target} | {r.dim} | {r.whitening} "
             f"| {'yes' if r.adaptation else 'no'} | {_format_number(r.final_elbo, 5)} "
             f"| {steps} | {r.num_rejected} | {r.seconds:.1f} |"
         )

@@ -141,10 +141,13 @@ def test_preconditioning_benchmark_on_gaussian():
         num_particles=64,
         hidden_sizes=(4,),
     )
-    assert len(records) == 4
-    whitened = [r for r in records if r.whitening]
-    # A diagonal Gaussian is exactly whitened by a diagonal fit, so both
-    # whitened runs start next to the optimum.
+    assert len(records) == 6
+    assert [r.whitening for r in records] == ["dense"] * 2 + ["diagonal"] * 2 + [
+        "none"
+    ] * 2
+    whitened = [r for r in records if r.whitening != "none"]
+    # A diagonal Gaussian is exactly whitened by a diagonal fit (and by the
+    # dense fit), so the whitened runs start next to the optimum.
     assert all(r.steps_to_tolerance is not None for r in whitened)
     log_normalizer = float(
         jnp.sum(jnp.log(jnp.geomspace(0.01, 10.0, 8))) + 4 * jnp.log(2 * jnp.pi)
