@@ -58,6 +58,9 @@ class InputConvexNetwork(nn.Module):
             pre = nn.Dense(
                 width,
                 kernel_init=nn.initializers.normal(input_scale),
+                # Flax creates float32 parameters unless told otherwise, which
+                # would leave the network in float32 under jax_enable_x64.
+                param_dtype=x.dtype,
                 name=f"input_{k}",
             )(x)
             if hidden is not None:
