@@ -24,9 +24,11 @@ from numpyro_pma.validation import (
 
 __all__ = ["AutoBrenier"]
 
-# Largest latent dimension at which whitening="auto" is dense: the Newton
-# steps of the dense fit evaluate 64 Hessians of size (d, d) each.
-DENSE_WHITENING_MAX_DIM = 100
+# Largest latent dimension at which whitening="auto" is dense. Each Newton
+# step of the dense fit evaluates 64 Hessians of size (d, d): at d = 300 the
+# fit took 44 s on 2 CPU cores, where a diagonal start left a correlated
+# regression's sds 70-80% too small.
+DENSE_WHITENING_MAX_DIM = 256
 
 # Draws behind ``median`` and ``quantiles``, which have no closed form: their
 # Monte Carlo error is about 1.25 sd / sqrt(4096) ≈ 0.02 posterior sd.
@@ -41,7 +43,7 @@ class AutoBrenier(AutoContinuous):
     transport (Brenier) map from the standard Gaussian to the guide's
     distribution in whitened coordinates; ``loc`` and ``scale`` (shape ``(d,)``)
     whiten the model's unconstrained latent space. With dense whitening (the
-    default up to ``d = 100``) the guide is ``loc + C grad u`` with a
+    default up to ``d = 256``) the guide is ``loc + C grad u`` with a
     lower-triangular ``C`` of shape ``(d, d)``, which suits posteriors with
     strong correlations. The guide is trained
     either by :class:`~numpyro_pma.PMA` (mirror steps, which keep the whitening
@@ -75,7 +77,7 @@ class AutoBrenier(AutoContinuous):
         whitening: ``"diagonal"`` (a scale per coordinate), ``"dense"`` (a
             lower-triangular ``C``; ``PMA`` then refines its diagonal fit by
             :func:`~numpyro_pma.whitening.fit_dense_gaussian`), or ``"auto"``:
-            dense up to ``DENSE_WHITENING_MAX_DIM`` (100) latent dimensions.
+            dense up to ``DENSE_WHITENING_MAX_DIM`` (256) latent dimensions.
             Dense whitening suits posteriors whose scales differ along
             directions that are not coordinate axes, such as regressions on
             correlated predictors: on posteriordb's ``diamonds`` and

@@ -33,6 +33,7 @@ from jax.scipy.sparse.linalg import cg
 
 __all__ = [
     "EXACT_LOGDET_MAX_DIM",
+    "LOGDET_METHODS",
     "LogdetEstimate",
     "LogdetResult",
     "choose_logdet_method",
@@ -48,7 +49,8 @@ __all__ = [
 # Up to here the exact value is also the cheaper one; see choose_logdet_method.
 EXACT_LOGDET_MAX_DIM = 256
 
-_METHODS = ("auto", "cholesky", "slq", "low_rank")
+# Values of logdet_method accepted by mirror_descent and PMA.
+LOGDET_METHODS = ("auto", "cholesky", "slq", "low_rank")
 
 
 class LogdetResult(NamedTuple):
@@ -463,8 +465,8 @@ def choose_logdet_method(
             a positive integer, or ``method`` is ``"low_rank"`` while
             ``projection_rank`` is ``None``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
+    if method not in LOGDET_METHODS:
+        raise ValueError(f"method must be one of {LOGDET_METHODS}; got {method!r}.")
     _check_positive_int("dim", dim)
     if projection_rank is not None:
         _check_positive_int("projection_rank", projection_rank, minimum=0)

@@ -110,10 +110,11 @@ def check_low_rank_potential(potential: BrenierPotential) -> None:
     """
     if _has_axis_tails(potential):
         raise ValueError(
-            "the low-rank log determinant needs a potential without axis tails, "
-            "whose Hessian is diagonal with full rank; got axis_tails=True with "
-            f"hidden_sizes={tuple(potential.hidden_sizes)}. Build the potential "
-            "with axis_tails=False, or use logdet_method='cholesky' or 'slq'."
+            "the low-rank log determinant needs a potential without axis tails "
+            "(the tails add a diagonal term of full rank to the Hessian); got "
+            f"axis_tails=True with hidden_sizes={tuple(potential.hidden_sizes)}. "
+            "Use axis_tails=False (AutoBrenier's default above 256 latent "
+            "dimensions), or logdet_method='cholesky' or 'slq'."
         )
 
 

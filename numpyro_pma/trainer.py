@@ -23,6 +23,7 @@ from numpyro_pma.driver import (
     run_chunks,
 )
 from numpyro_pma.guide import AutoBrenier
+from numpyro_pma.logdet import LOGDET_METHODS
 from numpyro_pma.mirror import MirrorInfo, MirrorState, StepSize, mirror_descent
 from numpyro_pma.sharding import check_particle_mesh
 from numpyro_pma.validation import (
@@ -113,7 +114,7 @@ class PMA:
             ``"optimizer"``; see :func:`~numpyro_pma.mirror.mirror_descent`.
         num_whitening_steps: Adam steps of the diagonal Gaussian fit; 0 keeps
             the guide's initial ``loc`` and ``scale``. A guide with dense
-            whitening (the default up to 100 latent dimensions) then refines
+            whitening (the default up to 256 latent dimensions) then refines
             the fit by Newton steps
             (:func:`~numpyro_pma.whitening.fit_dense_gaussian`).
         max_consecutive_rejections: ``run`` stops with
@@ -176,6 +177,18 @@ class PMA:
             raise ValueError(
                 "quadratic_projection must be 'auto', 'lstsq', 'min_norm' or "
                 f"'optimizer', got {quadratic_projection!r}"
+            )
+        if logdet_method not in LOGDET_METHODS:
+            raise ValueError(
+                f"logdet_method must be one of {', '.join(map(repr, LOGDET_METHODS))}, "
+                f"got {logdet_method!r}"
+            )
+        if logdet_method == "low_rank" and guide.axis_tails:
+            raise ValueError(
+                "logdet_method='low_rank' needs a guide without axis tails (they "
+                "add a diagonal term of full rank to the Hessian); build it with "
+                "AutoBrenier(..., axis_tails=False), or leave axis_tails=None "
+                "above 256 latent dimensions"
             )
         check_positive_int("num_probes", num_probes)
         if num_probes < 2:

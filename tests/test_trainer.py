@@ -120,11 +120,32 @@ def test_invalid_options_raise(options, error, message):
         PMA(gaussian_model, guide, step_size=step_size, **options)
 
 
-def test_unknown_logdet_method_raises_before_whitening():
-    # The whitening fit would take seconds; the bad name is reported first.
-    _, pma = small_pma(logdet_method="exact", num_whitening_steps=10**6)
-    with pytest.raises(ValueError, match="logdet_method"):
-        pma.init(jax.random.key(0), DATA)
+def test_unknown_logdet_method_raises_at_construction():
+    with pytest.raises(ValueError, match="logdet_method must be one of"):
+        small_pma(logdet_method="exact")
+
+
+def test_low_rank_with_axis_tails_raises_at_construction():
+    guide = AutoBrenier(gaussian_model, hidden_sizes=(4,), axis_tails=True)
+    with pytest.raises(ValueError, match="axis_tails=False"):
+        PMA(gaussian_model, guide, logdet_method="low_rank")
+
+
+def test_low_rank_without_axis_tails_runs():
+    # d = 2 is below the Cholesky threshold, but low_rank can be forced and
+    # is exact: the first ELBO equals the Cholesky run's.
+    runs = []
+    for method in ("cholesky", "low_rank"):
+        guide = AutoBrenier(gaussian_model, hidden_sizes=(4,), axis_tails=False)
+        pma = PMA(
+            gaussian_model,
+            guide,
+            num_particles=64,
+            num_whitening_steps=0,
+            logdet_method=method,
+        )
+        runs.append(pma.run(jax.random.key(2), 3, DATA, progress_bar=False))
+    np.testing.assert_allclose(runs[1].trace.elbo, runs[0].trace.elbo, rtol=1e-5)
 
 
 def test_large_dimension_options_reach_the_mirror_step():

@@ -159,7 +159,7 @@ def test_whitening_option_sets_parameter_shapes():
 
 def test_auto_whitening_is_diagonal_above_the_threshold():
     def wide_model():
-        numpyro.sample("z", dist.Normal(jnp.zeros(101), 1.0).to_event(1))
+        numpyro.sample("z", dist.Normal(jnp.zeros(257), 1.0).to_event(1))
 
     guide = AutoBrenier(wide_model, hidden_sizes=(2,))
     with pytest.raises(RuntimeError, match="set up"):
