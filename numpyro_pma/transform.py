@@ -20,9 +20,15 @@ from numpyro.distributions.transforms import Transform
 
 from numpyro_pma.logdet import (
     LogdetEstimate,
+    choose_logdet_method,
     hessian_and_gradient,
     logdet_cholesky,
     logdet_slq,
+)
+from numpyro_pma.lowrank import (
+    low_rank_factors,
+    map_and_logdet_low_rank,
+    projection_rank,
 )
 from numpyro_pma.potential import BrenierPotential, quadratic_coefficients
 
@@ -159,11 +165,28 @@ class BrenierTransform(Transform):
         return _vectorize(jax.grad(self.potential_fn), x, self.potential.dim)
 
     def call_with_intermediates(self, x):
-        """Return ``grad u(x)`` and ``log det Hess u(x)`` for ``x`` ``(..., dim)``."""
+        """Return ``grad u(x)`` and ``log det Hess u(x)`` for ``x`` ``(..., dim)``.
+
+        Both are exact. Above ``EXACT_LOGDET_MAX_DIM`` dimensions, for a
+        potential without axis tails, the log determinant comes from the
+        matrix determinant lemma over the network's first layer
+        (:mod:`numpyro_pma.lowrank`), whose shared factors are computed once
+        for all points; otherwise each point's Hessian is formed and
+        factorized.
+        """
+        dim = self.potential.dim
+        rank = projection_rank(self.potential)
+        if choose_logdet_method(dim, "auto", projection_rank=rank) == "low_rank":
+            factors = low_rank_factors(self.potential, self.params)
+            return _vectorize(
+                lambda point: map_and_logdet_low_rank(
+                    self.potential, self.params, factors, point
+                ),
+                x,
+                dim,
+            )
         return _vectorize(
-            lambda point: map_and_logdet(self.potential_fn, point),
-            x,
-            self.potential.dim,
+            lambda point: map_and_logdet(self.potential_fn, point), x, dim
         )
 
     def log_abs_det_jacobian(self, x, y, intermediates=None):

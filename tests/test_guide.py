@@ -121,3 +121,19 @@ def test_axis_tails_default_depends_on_dimension():
     forced = AutoBrenier(model, hidden_sizes=(2,), axis_tails=True)
     numpyro.handlers.seed(forced, jax.random.key(0))(257)
     assert forced.potential.axis_tails
+
+
+def test_trace_elbo_in_large_dimension():
+    # At d = 257 the default guide has no axis tails, so Trace_ELBO takes the
+    # low-rank log determinant and its gradient, and no (d, d) Hessian per draw.
+    def model():
+        numpyro.sample("z", dist.Normal(jnp.zeros(257), 2.0).to_event(1))
+
+    guide = AutoBrenier(model, hidden_sizes=(4,))
+    svi = SVI(model, guide, optax.adam(1e-2), Trace_ELBO(num_particles=4))
+    state = svi.init(jax.random.key(0))
+    state, loss = svi.update(state)
+    assert np.isfinite(float(loss))
+    params = svi.get_params(state)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+    assert guide.scale_name == "auto_scale"

@@ -7,7 +7,7 @@ import numpyro.distributions as dist
 import pytest
 
 from numpyro_pma.potential import BrenierPotential
-from numpyro_pma.transform import BrenierTransform
+from numpyro_pma.transform import BrenierTransform, map_and_logdet
 
 DIM = 4
 
@@ -108,3 +108,28 @@ def test_transform_is_a_pytree(x64):
     rebuilt = jax.tree.unflatten(treedef, leaves)
     x = jnp.ones((2, DIM))
     np.testing.assert_allclose(rebuilt(x), transform(x))
+
+
+def test_large_dimension_without_tails_uses_exact_low_rank(x64):
+    # Above 256 dimensions a potential without axis tails gets its log
+    # determinant from the determinant lemma; it must equal the Cholesky
+    # value, also where the network's curvature matters.
+    dim = 260
+    potential = BrenierPotential(dim=dim, hidden_sizes=(6, 5), axis_tails=False)
+    params = potential.init(jax.random.key(0), jnp.zeros(dim))["params"]
+    network = params["network"]
+    params = {**params, "network": {**network, "output": network["output"] + 9.0}}
+    transform = BrenierTransform(potential, params)
+    x = jax.random.normal(jax.random.key(1), (2, 3, dim))
+    mapped, logdet = transform.call_with_intermediates(x)
+    expected_map, expected_logdet = jax.vmap(
+        jax.vmap(lambda point: map_and_logdet(transform.potential_fn, point))
+    )(x)
+    quadratic_only = jnp.linalg.slogdet(
+        jnp.tril(params["scale_tril"]) @ jnp.tril(params["scale_tril"]).T
+        + potential.min_eigenvalue * jnp.eye(dim)
+    )[1]
+    assert logdet.shape == (2, 3)
+    assert float(jnp.min(jnp.abs(expected_logdet - quadratic_only))) > 0.1
+    np.testing.assert_allclose(mapped, expected_map, atol=1e-10)
+    np.testing.assert_allclose(logdet, expected_logdet, atol=1e-9)
