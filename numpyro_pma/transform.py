@@ -170,9 +170,8 @@ class BrenierTransform(Transform):
         Both are exact. Above ``EXACT_LOGDET_MAX_DIM`` dimensions, for a
         potential without axis tails, the log determinant comes from the
         matrix determinant lemma over the network's first layer
-        (:mod:`numpyro_pma.lowrank`), whose shared factors are computed once
-        for all points; otherwise each point's Hessian is formed and
-        factorized.
+        (:mod:`numpyro_pma.lowrank`). Its shared factors are computed once for
+        all points. Otherwise each point's Hessian is formed and factorized.
         """
         dim = self.potential.dim
         rank = projection_rank(self.potential)
