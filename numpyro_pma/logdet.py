@@ -36,6 +36,7 @@ __all__ = [
     "LOGDET_METHODS",
     "LogdetEstimate",
     "LogdetResult",
+    "check_logdet_method",
     "choose_logdet_method",
     "hessian_and_gradient",
     "hessian_vector_product",
@@ -51,6 +52,13 @@ EXACT_LOGDET_MAX_DIM = 256
 
 # Values of logdet_method accepted by mirror_descent and PMA.
 LOGDET_METHODS = ("auto", "cholesky", "slq", "low_rank")
+
+
+def check_logdet_method(method: str, name: str = "logdet_method") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``method`` is a known method."""
+    if method not in LOGDET_METHODS:
+        choices = ", ".join(map(repr, LOGDET_METHODS))
+        raise ValueError(f"{name} must be one of {choices}; got {method!r}")
 
 
 class LogdetResult(NamedTuple):
@@ -465,8 +473,7 @@ def choose_logdet_method(
             a positive integer, or ``method`` is ``"low_rank"`` while
             ``projection_rank`` is ``None``.
     """
-    if method not in LOGDET_METHODS:
-        raise ValueError(f"method must be one of {LOGDET_METHODS}; got {method!r}.")
+    check_logdet_method(method, "method")
     _check_positive_int("dim", dim)
     if projection_rank is not None:
         _check_positive_int("projection_rank", projection_rank, minimum=0)

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from numpyro_pma.logdet import LOGDET_METHODS, choose_logdet_method
+from numpyro_pma.logdet import check_logdet_method, choose_logdet_method
 from numpyro_pma.lowrank import (
     check_low_rank_potential,
     low_rank_factors,
@@ -255,11 +255,7 @@ def mirror_descent(
     dim = potential.dim
     _check_int("num_particles", num_particles, 1)
     _check_int("num_projection_steps", num_projection_steps, 0)
-    if logdet_method not in LOGDET_METHODS:
-        raise ValueError(
-            "logdet_method must be 'auto', 'cholesky', 'slq' or 'low_rank', "
-            f"got {logdet_method!r}"
-        )
+    check_logdet_method(logdet_method)
     if logdet_method == "low_rank":
         check_low_rank_potential(potential)
     if not rejection_threshold >= 0:

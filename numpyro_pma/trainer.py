@@ -23,7 +23,7 @@ from numpyro_pma.driver import (
     run_chunks,
 )
 from numpyro_pma.guide import AutoBrenier
-from numpyro_pma.logdet import LOGDET_METHODS
+from numpyro_pma.logdet import check_logdet_method
 from numpyro_pma.mirror import MirrorInfo, MirrorState, StepSize, mirror_descent
 from numpyro_pma.sharding import check_particle_mesh
 from numpyro_pma.validation import (
@@ -178,11 +178,7 @@ class PMA:
                 "quadratic_projection must be 'auto', 'lstsq', 'min_norm' or "
                 f"'optimizer', got {quadratic_projection!r}"
             )
-        if logdet_method not in LOGDET_METHODS:
-            raise ValueError(
-                f"logdet_method must be one of {', '.join(map(repr, LOGDET_METHODS))}, "
-                f"got {logdet_method!r}"
-            )
+        check_logdet_method(logdet_method)
         if logdet_method == "low_rank" and guide.axis_tails:
             raise ValueError(
                 "logdet_method='low_rank' needs a guide without axis tails (they "

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_shapes import traced_shapes
 
 from numpyro_pma.logdet import EXACT_LOGDET_MAX_DIM
 from numpyro_pma.mirror import mirror_descent
@@ -12,30 +13,13 @@ from numpyro_pma.projection import fit_quadratic_min_norm, quadratic_feature_cou
 from numpyro_pma.transform import map_and_logdet, map_and_logdet_slq
 
 
-def iter_avals(jaxpr):
-    """Yield the abstract value of every variable in a jaxpr and its sub-jaxprs."""
-    for var in list(jaxpr.invars) + list(jaxpr.constvars):
-        yield var.aval
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            yield var.aval
-        for param in eqn.params.values():
-            params = param if isinstance(param, tuple | list) else (param,)
-            for sub in params:
-                if hasattr(sub, "eqns"):
-                    yield from iter_avals(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    yield from iter_avals(sub.jaxpr)
-
-
 def has_batched_square(fn, dim, *args):
     """Whether tracing ``fn`` creates an array of shape ``(..., dim, dim)`` with a
     batch axis, as a Hessian per draw would be.
 
     The potential's own ``(dim, dim)`` parameter has no batch axis and is allowed.
     """
-    closed = jax.make_jaxpr(fn)(*args)
-    shapes = [tuple(getattr(aval, "shape", ())) for aval in iter_avals(closed.jaxpr)]
+    shapes = traced_shapes(fn, *args)
     return any(len(shape) >= 3 and shape.count(dim) >= 2 for shape in shapes)
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxpr_shapes import traced_shapes
 
 from numpyro_pma.logdet import (
     EXACT_LOGDET_MAX_DIM,
@@ -65,27 +66,9 @@ def repeated_slq(matrix, num_repeats, num_probes, num_lanczos_steps, seed):
     return np.asarray(result.logdet), np.asarray(result.standard_error)
 
 
-def iter_avals(jaxpr):
-    """Yield the abstract value of every variable in a jaxpr and its sub-jaxprs."""
-    for var in list(jaxpr.invars) + list(jaxpr.constvars):
-        yield var.aval
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            yield var.aval
-        for param in eqn.params.values():
-            params = param if isinstance(param, tuple | list) else (param,)
-            for sub in params:
-                if hasattr(sub, "eqns"):
-                    yield from iter_avals(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    yield from iter_avals(sub.jaxpr)
-
-
 def has_square_array(fn, dim, *args):
     """Whether tracing ``fn(*args)`` creates any array with two axes of size dim."""
-    closed = jax.make_jaxpr(fn)(*args)
-    shapes = [getattr(aval, "shape", ()) for aval in iter_avals(closed.jaxpr)]
-    return any(tuple(shape).count(dim) >= 2 for shape in shapes)
+    return any(shape.count(dim) >= 2 for shape in traced_shapes(fn, *args))
 
 
 # ---------------------------------------------------------------- exact methods
