@@ -25,9 +25,10 @@ from numpyro_pma.validation import (
 __all__ = ["AutoBrenier"]
 
 # Largest latent dimension at which whitening="auto" is dense. Each Newton
-# step of the dense fit evaluates 64 Hessians of size (d, d): at d = 300 the
-# fit took 44 s on 2 CPU cores, where a diagonal start left a correlated
-# regression's sds 70-80% too small.
+# step of the dense fit evaluates 64 Hessians of the model's log density, of
+# size (d, d), whose cost depends on the model. NOTE: the threshold is a
+# judgement, not measured; examples/correlated_regression.py shows what a
+# diagonal start costs on a correlated posterior at d = 300.
 DENSE_WHITENING_MAX_DIM = 256
 
 # Draws behind ``median`` and ``quantiles``, which have no closed form: their

@@ -58,8 +58,8 @@ class InputConvexNetwork(nn.Module):
             pre = nn.Dense(
                 width,
                 kernel_init=nn.initializers.normal(input_scale),
-                # Flax creates float32 parameters unless told otherwise, which
-                # would leave the network in float32 under jax_enable_x64.
+                # Flax's default param_dtype is float32, which would leave the
+                # network in float32 under jax_enable_x64.
                 param_dtype=x.dtype,
                 name=f"input_{k}",
             )(x)

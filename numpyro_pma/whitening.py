@@ -182,13 +182,14 @@ def fit_dense_gaussian(
         Sigma_new = H^{-1},       loc_new = loc + Sigma_new g.
 
     With draws in antithetic pairs, one step is exact for a Gaussian target.
-    Far from a Gaussian target the full step can overshoot, so each step
-    tries the fractions ``t = 4^-k``, ``k = 0, ..., 5``, of it (means moved by
-    ``t`` times the Newton step, precisions interpolated) and the same
-    fractions of the gradient step ``loc + t C C' g`` at the current
-    covariance, which moves the mean where ``H`` is not positive definite. The
-    candidate with the highest ELBO on common fresh draws is kept if that
-    ELBO is above the current one; otherwise the step is skipped. Each step
+    Far from a Gaussian target the full step can overshoot. Each step
+    therefore tries the fractions ``t = 4^-k``, ``k = 0, ..., 5``, of it:
+    means moved by ``t`` times the Newton step and precisions interpolated.
+    It also tries the same fractions of the gradient step ``loc + t C C' g``
+    at the current covariance, which moves the mean where ``H`` is not
+    positive definite. The candidate with the highest ELBO on common fresh
+    draws is kept if that ELBO is above the current one; otherwise the step
+    is skipped. Each step
     forms ``num_particles`` Hessians of shape ``(dim, dim)``.
 
     Args:
@@ -244,9 +245,9 @@ def fit_dense_gaussian(
 
         fractions = jnp.asarray(_STEP_FRACTIONS, loc.dtype)
         newton_locs, newton_scale_trils = jax.vmap(candidate)(fractions)
-        # Where H is indefinite (a regression's noise scale far from the data
-        # makes it so) every Newton candidate fails; gradient steps
-        # preconditioned by the current covariance move the mean out of there.
+        # Far from the data a regression's noise scale makes H indefinite, so
+        # every Newton candidate fails there. Gradient steps preconditioned by
+        # the current covariance move the mean out of that region.
         gradient_direction = scale_tril @ (scale_tril.T @ mean_gradient)
         candidate_locs = jnp.concatenate(
             [newton_locs, loc + fractions[:, None] * gradient_direction]

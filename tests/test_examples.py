@@ -65,3 +65,24 @@ def test_diagnose_eight_schools_writes_files(tmp_path):
     assert len(result.repeat_khats) == 2
     assert math.isfinite(result.pooled_khat)
     assert result.regret.num_steps == 20
+
+
+def test_correlated_regression_exact_posterior():
+    # log Z = log p(y | b) + log p(b) - log p(b | y) at any b, here the mean.
+    import numpy as np
+    from scipy import stats
+
+    script = load_example("correlated_regression")
+    predictors, responses = script.make_data(5, num_rows=30)
+    mean, sd, log_z = script.exact_posterior(predictors, responses)
+    covariance = np.linalg.inv(predictors.T @ predictors + np.eye(5))
+    identity = (
+        stats.norm.logpdf(responses, predictors @ mean, 1.0).sum()
+        + stats.norm.logpdf(mean).sum()
+        - stats.multivariate_normal.logpdf(mean, mean, covariance)
+    )
+    assert log_z == pytest.approx(identity, abs=1e-9)
+    np.testing.assert_allclose(sd, np.sqrt(np.diag(covariance)))
+    # Neighbouring columns of the AR(1) predictors correlate at about 0.8.
+    correlation = np.corrcoef(predictors.T)[0, 1]
+    assert abs(correlation - 0.8) < 0.2

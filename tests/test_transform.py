@@ -112,7 +112,7 @@ def test_transform_is_a_pytree(x64):
 
 def test_large_dimension_without_tails_uses_exact_low_rank(x64):
     # Above 256 dimensions a potential without axis tails gets its log
-    # determinant from the determinant lemma; it must equal the Cholesky
+    # determinant from the determinant lemma. It must equal the Cholesky
     # value, also where the network's curvature matters.
     dim = 260
     potential = BrenierPotential(dim=dim, hidden_sizes=(6, 5), axis_tails=False)
